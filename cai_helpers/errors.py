@@ -55,3 +55,23 @@ class FMIError(CAIError):
 
 class FMITimeoutError(FMIError, TimeoutError):
     """A peer did not answer within the operation's timeout."""
+
+
+class FMIPeerLostError(FMITimeoutError):
+    """A peer closed its connection or died before an operation finished.
+
+    It derives from FMITimeoutError because a caller handles a dead peer like a
+    silent one. It is raised at once instead of after the timeout.
+    """
+
+
+class DeploymentError(CAIError):
+    """A cloud deployment (stack, bundle) is missing, incomplete or too large."""
+
+
+class RunFailedError(CAIError):
+    """A cloud run ended in a state other than success, or did not end in time."""
+
+
+class ToleratedFailureExceededError(CAIError):
+    """More partitions of a fan-out run failed than its tolerated failure percentage allows."""

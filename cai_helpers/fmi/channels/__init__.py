@@ -1,0 +1,1 @@
+"""Channels of the FMI communicator: direct TCP, Redis and object storage."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas stays out of the torch-free Lambda bundle
+    import pandas as pd
 
 from cai_helpers.errors import DataFormatError
 
@@ -34,6 +37,8 @@ def load_catalog(path: str | Path | None = None) -> pd.DataFrame:
     path = Path(path) if path is not None else DEFAULT_CATALOG_PATH
     if not path.exists():
         raise DataFormatError(f"catalog {path} not found; rebuild it with scripts/build_catalog.py")
+    import pandas as pd
+
     catalog = pd.read_csv(path, dtype={"object_id": np.int64, "source": str})
 
     missing = [name for name in COLUMNS if name not in catalog.columns]

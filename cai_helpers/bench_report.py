@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cai_helpers.inference import peak_rss_mb, proc_status_mb
+
 logger = logging.getLogger(__name__)
 
 BITS_PER_IMAGE = 164_160  # the CAI paper's size of one galaxy: image + magnitudes
@@ -88,7 +90,7 @@ class PeakRSS:
         self.scope = "block"
 
     def __enter__(self) -> "PeakRSS":
-        self.start_mb = _status_mb("VmRSS:")
+        self.start_mb = proc_status_mb("VmRSS:")
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -97,27 +99,6 @@ class PeakRSS:
 
     def __exit__(self, *exc_info: object) -> None:
         self.peak_mb = peak_rss_mb()
-
-
-def _status_mb(field_name: str) -> float | None:
-    """Return a memory field of /proc/self/status (given in kB) in MB, or None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Return this process's peak resident set size in MB (VmHWM, else ru_maxrss)."""
-    peak = _status_mb("VmHWM:")
-    if peak is not None:
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _best_row(rows: list[dict], runtime: str, batch_size: int) -> dict | None:

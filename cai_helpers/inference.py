@@ -63,8 +63,26 @@ class StageTimings:
         return {**asdict(self), "bits": self.bits, "total_s": self.total_s}
 
 
+def proc_status_mb(field_name: str) -> float | None:
+    """Return a memory field of /proc/self/status (given in kB) in MB, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """Return this process's peak resident set size in MB (2**20 B) so far."""
+    """Return this process's peak resident set size in MB (2**20 B) so far.
+
+    Linux's VmHWM is read first: ``ru_maxrss`` carries the launching process's peak
+    across fork and exec, so a worker started by a 1 GB driver would report 1 GB.
+    """
+    peak = proc_status_mb("VmHWM:")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024

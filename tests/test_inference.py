@@ -100,3 +100,21 @@ def test_torch_runtime_matches_model(tmp_path):
 
 def test_peak_rss_is_plausible():
     assert 1 < peak_rss_mb() < 1_000_000
+
+
+def test_peak_rss_is_the_workers_own(tmp_path):
+    """A worker started by a big parent reports its own peak, not the parent's."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, subprocess, sys\n"
+        "ballast = np.ones(300 * 2**20 // 8)  # 300 MB in the parent\n"
+        "out = subprocess.run([sys.executable, '-c', "
+        "'from cai_helpers.inference import peak_rss_mb; print(peak_rss_mb())'], "
+        "capture_output=True, text=True, check=True)\n"
+        "print(out.stdout.strip())\n"
+    )
+    child_peak = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                      check=True).stdout.strip())
+    assert 0 < child_peak < 200

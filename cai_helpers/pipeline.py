@@ -51,7 +51,7 @@ class NotebookStep:
 
 NOTEBOOK_STEPS: tuple[NotebookStep, ...] = (
     NotebookStep("01_prepare_data.ipynb", {"store_location": STORE, "dataset_prefix": DATASET_PREFIX}),
-    NotebookStep("02_astromae.ipynb", {"mode": "load", "model_dir": MODEL_DIR}),
+    NotebookStep("02_astromae.ipynb", {"mode": "load", "model_dir": MODEL_DIR, "onnx_dir": MODEL_DIR, "n_eval": 0}),
     NotebookStep("04_lambda_fanout.ipynb", {
         "backend": "local", "store": STORE, "dataset_prefix": DATASET_PREFIX, "partition_mb": 25,
         "data_size_mb": None, "batch_size": 512, "runtime": "onnx", "max_concurrency": None,

@@ -98,3 +98,38 @@ def test_lambda_fanout_notebook(tmp_path, local_store):
     run_nbval(executed)
     catalogs = [k for k in local_store.list("runs/") if k.endswith("catalog.parquet")]
     assert len(catalogs) == 2  # one run from papermill, one from nbval
+
+
+def test_notebooks_start_at_project_root():
+    """Kernels start in notebooks/ under JupyterLab and nbval; default paths need the root."""
+    import nbformat
+
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        after = nb.cells[parameters_cell_index(path) + 1]
+        assert "use_project_root()" in after.source, path.name
+
+
+def test_use_project_root_changes_directory(tmp_path, monkeypatch):
+    from cai_helpers.notebook import PROJECT_ROOT, use_project_root
+
+    monkeypatch.chdir(tmp_path)
+    assert use_project_root() == PROJECT_ROOT
+    assert Path.cwd() == PROJECT_ROOT
+    assert (Path.cwd() / "pyproject.toml").is_file()
+
+
+def test_astromae_notebook_load_mode(tmp_path):
+    results = tmp_path / "02.json"
+    params = {
+        "mode": "load",
+        "n_eval": 12,
+        "onnx_dir": str(tmp_path / "onnx"),
+        "figures_dir": str(tmp_path / "figures"),
+        "results_path": str(results),
+    }
+    executed = run_papermill("02_astromae.ipynb", params, tmp_path / "executed")
+    assert (tmp_path / "onnx" / "astromae.onnx").stat().st_size > 0
+    assert (tmp_path / "onnx" / "astromae.int8.onnx").stat().st_size > 0
+    assert results.exists()
+    run_nbval(executed)

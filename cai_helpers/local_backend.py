@@ -11,6 +11,17 @@ partitions it already wrote. Like a Distributed Map's ToleratedFailurePercentage
 run fails only when more than ``tolerated_failure_percentage`` percent of partitions
 end without predictions. The summarizer then runs in-process.
 
+Unless ``RunParams.fmi`` is ``"off"`` or a configuration, the driver runs an FMI
+rendezvous server for the duration of the run (:mod:`cai_helpers.local_fmi`), so the
+ranks allreduce their run figures over the direct TCP channel. All ranks of a run share
+one communicator name, derived from the run id and not from the attempt, because a
+retried rank must meet the other ranks' first attempts. A dead attempt leaves nothing
+behind for the new one to collide with: the direct channel keeps no messages outside
+live connections, and the server replaces a rank's waiting request with its newer one.
+An attempt started after another rank's process has ended skips the allreduce, since
+the communicator can no longer form. After a rank has failed for good, the driver stops
+the server, so ranks waiting to pair give up at once instead of at their timeout.
+
 Ctrl-C (SIGINT) in the driver terminates the workers (SIGTERM, then SIGKILL after
 ``STOP_GRACE_S``); rerunning with the same run_id resumes. Worker logs go to
 ``runs/logs/<run_id>/rank-NNNNN.attempt-N.log``; the progress bar lives in the driver.
@@ -34,6 +45,7 @@ from typing import IO, Any
 from cai_helpers.errors import ToleratedFailureExceededError
 from cai_helpers.handlers import initializer, summarizer
 from cai_helpers.handlers.executor import PROGRESS_PREFIX
+from cai_helpers.local_fmi import LocalRendezvous, uses_local_rendezvous
 from cai_helpers.runconfig import RunParams, available_cores
 
 log = logging.getLogger(__name__)
@@ -95,8 +107,14 @@ def _log_tail(path: Path) -> str:
 class LocalFanOut:
     """Runs the rank items of one initialized run in worker processes."""
 
-    def __init__(self, params: RunParams, init: dict[str, Any], *, progress: bool = True) -> None:
+    def __init__(
+        self, params: RunParams, init: dict[str, Any], *, progress: bool = True,
+        rendezvous: LocalRendezvous | None = None,
+    ) -> None:
         self.params = params
+        self.rendezvous = rendezvous
+        # ranks whose last process ended for good (finished, or failed after its retries)
+        self.ended: set[int] = set()
         self.init = init
         self.run_id = init["run_id"]
         self.threads = params.threads_per_worker or threads_per_worker(init["world_size"])
@@ -111,10 +129,11 @@ class LocalFanOut:
         rank = item["rank"]
         attempt = self.attempts[rank]
         event = {**item, "threads": self.threads, "attempt": attempt}
+        env = {**os.environ, **{name: str(self.threads) for name in THREAD_ENV_VARS}}
+        self._add_fmi(event, env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"rank-{rank:05d}.attempt-{attempt}.log"
         log_file = open(log_path, "w", encoding="utf-8")
-        env = {**os.environ, **{name: str(self.threads) for name in THREAD_ENV_VARS}}
         process = subprocess.Popen(
             [sys.executable, "-m", "cai_helpers.handlers.executor", json.dumps(event)],
             stdout=subprocess.PIPE, stderr=log_file, text=True, env=env,
@@ -124,6 +143,21 @@ class LocalFanOut:
         worker.reader = threading.Thread(target=_forward_progress, args=(worker, self.updates), daemon=True)
         worker.reader.start()
         return worker
+
+    def _add_fmi(self, event: dict[str, Any], env: dict[str, str]) -> None:
+        """Give a rank attempt its FMI settings: the local server's address and token, or a reason to skip."""
+        uses_fmi = self.rendezvous is not None or isinstance(self.params.fmi, dict)
+        if not uses_fmi:
+            return
+        if self.ended:
+            event["fmi"] = "off"
+            event["fmi_skip_reason"] = (
+                f"rank(s) {sorted(self.ended)} had ended before attempt {event['attempt']} of rank "
+                f"{event['rank']} started, so the communicator could not form")
+            return
+        if self.rendezvous is not None:
+            event["fmi"] = self.rendezvous.event_config()
+            env.update(self.rendezvous.worker_env())
 
     def _drain(self, bar: Any, running: dict[int, tuple[_Worker, dict[str, Any]]]) -> None:
         while True:
@@ -142,6 +176,7 @@ class LocalFanOut:
             worker.reader.join(timeout=STOP_GRACE_S)
         worker.log_file.close()
         if reason is None:
+            self.ended.add(worker.rank)
             return
         self.attempts[worker.rank] += 1
         if self.attempts[worker.rank] <= self.params.max_retries:
@@ -154,6 +189,10 @@ class LocalFanOut:
                       "Log %s ends:\n%s", self.run_id, worker.rank, reason, worker.attempt + 1,
                       worker.log_path, _log_tail(worker.log_path))
             self.failed_ranks[worker.rank] = reason
+            self.ended.add(worker.rank)
+            if self.rendezvous is not None:
+                # the allreduce cannot complete now, so let waiting ranks fail at once
+                self.rendezvous.stop()
 
     def run(self) -> None:
         """Run every rank to success or until its retries are spent."""
@@ -203,12 +242,19 @@ def run_local(params: RunParams, *, progress: bool = True) -> dict[str, Any]:
     params.validate()
     run_started = time.time()
     init = initializer.initialize(params)
-    fan_out = LocalFanOut(params, init, progress=progress)
+    rendezvous = LocalRendezvous(init["run_id"]) if uses_local_rendezvous(params) else None
+    fan_out = LocalFanOut(params, init, progress=progress, rendezvous=rendezvous)
     log.info("run %s: %d partitions, %d worker process(es) with %d thread(s) each",
              init["run_id"], init["n_partitions"], init["world_size"], fan_out.threads)
 
     map_started = time.time()
-    fan_out.run()
+    if rendezvous is not None:
+        rendezvous.start()
+    try:
+        fan_out.run()
+    finally:
+        if rendezvous is not None:
+            rendezvous.stop()
     map_finished = time.time()
 
     summary = summarizer.summarize({

@@ -19,6 +19,7 @@ from cai_helpers.errors import InvalidParameterError
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 BACKENDS = ("local", "aws")
+FMI_OFF = "off"  # RunParams.fmi value that turns the allreduce of run figures off
 
 # Lambda limits (AWS documentation): 128-10,240 MB memory, 900 s maximum timeout.
 LAMBDA_MIN_MEMORY_MB = 128
@@ -66,8 +67,12 @@ class RunParams:
     partitions first into ``partition_mb`` partitions. ``data_size_mb`` keeps only the
     leading rows of the data set that fit that many MB under the partition byte model
     (None keeps all). ``max_concurrency`` None means one worker per local CPU core.
-    ``fmi`` is a communicator configuration in the form ``cai_helpers.fmi.config``
-    reads; with it, the executors allreduce their run figures. ``lambda_memory_mb`` is
+    ``fmi`` chooses how the executors allreduce their run figures: a communicator
+    configuration in the form ``cai_helpers.fmi.config`` reads, ``"off"`` for no
+    allreduce, or None (the default). With None, a local run starts its own rendezvous
+    server and uses the direct TCP channel, and an AWS run does no allreduce, because
+    Lambda workers need a rendezvous server or Redis that the caller configures.
+    ``lambda_memory_mb`` is
     the configured memory the cost estimate prices, and ``rank_timeout_s`` bounds one
     rank attempt (on the local backend, the time without a finished partition). A run
     fails when more than ``tolerated_failure_percentage`` percent of its partitions
@@ -87,7 +92,7 @@ class RunParams:
     threads_per_worker: int | None = None
     backend: str = "local"
     run_id: str | None = None
-    fmi: dict[str, Any] | None = None
+    fmi: dict[str, Any] | str | None = None
     lambda_memory_mb: int = LAMBDA_MAX_MEMORY_MB
     rank_timeout_s: float = float(LAMBDA_MAX_TIMEOUT_S)
     max_retries: int = DEFAULT_MAX_RETRIES
@@ -128,7 +133,13 @@ class RunParams:
             )
         if self.run_id is not None:
             validate_run_id(self.run_id)
-        if self.fmi is not None:
+        if isinstance(self.fmi, str):
+            if self.fmi != FMI_OFF:
+                raise InvalidParameterError(
+                    f"invalid fmi {self.fmi!r}: use {FMI_OFF!r}, None (the default) or a "
+                    "communicator configuration dict"
+                )
+        elif self.fmi is not None:
             from cai_helpers.fmi.config import load_config
 
             load_config(self.fmi)

@@ -10,8 +10,13 @@ never see a partial object, which is what lets a retried or resumed worker trust
 object that exists.
 
 S3 calls go through :meth:`S3Store._call`, which retries connection failures, throttling
-and 5xx answers with exponential backoff and full jitter, then raises
+and 5xx answers with exponential backoff and equal jitter, then raises
 :class:`~cai_helpers.errors.StoreUnavailableError` naming the endpoint and the key.
+Equal jitter (a delay between half the ceiling and the ceiling) spreads clients apart
+like full jitter does, but it also guarantees a minimum retry window: the default six
+attempts wait 3.875-7.75 s in total, so an outage of the endpoint shorter than
+3.875 s never exhausts the attempts of a call. Full jitter could give up after a few
+milliseconds.
 """
 
 from __future__ import annotations
@@ -203,7 +208,7 @@ class LocalStore(Store):
         _validate_prefix(prefix)
         # Walk only the deepest folder the prefix names, not the whole store.
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self.root / folder if folder else self.root
+        base = self._path(folder) if folder else self.root  # rejects a symlink out of the root
         if not base.is_dir():
             return []
         keys = []
@@ -222,9 +227,12 @@ class LocalStore(Store):
 
 def _is_retryable(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
-    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
 
-    if isinstance(exc, (EndpointConnectionError, BotoConnectionError, ConnectTimeoutError, ReadTimeoutError)):
+    # BotoConnectionError covers refused connections and connect timeouts. HTTPClientError
+    # covers a connection closed before or during the response, read timeouts and a body
+    # cut short, as when the endpoint restarts in the middle of a request.
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
         return True
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -266,7 +274,8 @@ class S3Store(Store):
 
             # Our own loop does the retries, so that every failure is logged and the
             # final error names the key; botocore's would hide them.
-            config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+            # botocore counts retries in max_attempts, so total_max_attempts=1 sends each request once.
+            config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=60)
             client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self.client = client
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
@@ -290,7 +299,7 @@ class S3Store(Store):
                         "and retry the run with the same run id to resume"
                     ) from exc
                 ceiling = min(S3_BACKOFF_CAP_S, S3_BACKOFF_BASE_S * 2 ** (attempt - 1))
-                delay = random.uniform(0, ceiling)  # full jitter
+                delay = random.uniform(ceiling / 2, ceiling)  # equal jitter
                 log.warning(
                     "S3 %s of %s/%s failed (attempt %d of %d, %s); retrying in %.2f s",
                     what, self.uri, key, attempt, self.max_attempts, type(exc).__name__, delay,

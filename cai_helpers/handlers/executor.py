@@ -36,7 +36,7 @@ from cai_helpers.handlers import (
     store_from_event,
     write_json,
 )
-from cai_helpers.handlers.figures import allreduce_run_figures, error_sums
+from cai_helpers.handlers.figures import TOKEN_ENV, allreduce_run_figures, error_sums, fmi_config_for, redact
 from cai_helpers.inference import Predictor, StageTimings, make_predictor, peak_rss_mb
 from cai_helpers.logs import setup_logging
 from cai_helpers.partition import decode_partition
@@ -221,8 +221,15 @@ def run_rank(event: dict[str, Any], on_partition: Callable[[dict[str, Any]], Non
         "error_sums": sums,
         "events": timeline.events,
     }
-    if plan.get("fmi"):
-        rank_record["allreduced"] = allreduce_run_figures(rank_record, plan=plan, rank=rank)
+    fmi_config, fmi_skip_reason = fmi_config_for(event, plan)
+    if fmi_config is not None:
+        rank_record["allreduced"], rank_record["fmi"] = allreduce_run_figures(
+            rank_record, plan=plan, rank=rank, config=fmi_config, elapsed_s=time.time() - started_at)
+    elif fmi_skip_reason is not None:
+        log.info("run %s rank %d: no allreduce of run figures: %s", run_id, rank, fmi_skip_reason)
+        rank_record["allreduced"] = None
+        rank_record["fmi"] = {"channel": None, "world_size": plan["world_size"], "joined": False,
+                              "reason": fmi_skip_reason}
     write_json(store, rank_key(run_id, rank), rank_record)
     return rank_record
 
@@ -246,6 +253,32 @@ def _print_progress(update: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+class _RedactFilter(logging.Filter):
+    """Replaces a secret in a record's message and traceback before any handler writes it."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = redact(message, self.secret), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secret)
+        return True
+
+
+def _redact_token_in_logs(token: str | None) -> None:
+    """Keep the rendezvous token out of every log line this worker writes."""
+    if not token:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactFilter(token))
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -257,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: python -m cai_helpers.handlers.executor '<event JSON>'\n")
         return 2
     setup_logging()
+    _redact_token_in_logs(os.environ.get(TOKEN_ENV))
     # SIGTERM from the driver stops the rank between atomic writes, like Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     record = run_rank(json.loads(args[0]), on_partition=_print_progress)

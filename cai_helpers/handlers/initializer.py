@@ -154,7 +154,8 @@ def _new_plan(store: Store, params: RunParams, run_id: str, started_at: float) -
         "partition_mb": manifest.get("partition_mb"),
         "n_rows": sum(p["rows"] for p in records),
         "world_size": world_size,
-        "fmi": params.fmi,
+        # a configuration the caller gave; None for "off" and for the local backend's own server
+        "fmi": params.fmi if isinstance(params.fmi, dict) else None,
         "params": {**params.to_dict(), "run_id": run_id},
         "partitions": partitions,
     }

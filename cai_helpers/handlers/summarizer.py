@@ -11,6 +11,9 @@ paper's style of figure beside ours for comparison.
 
 The cost estimate prices every rank as one Lambda invocation billed for the rank's
 wall duration at the configured memory, not the memory used.
+
+``fmi`` in the summary compares the figures the ranks summed over FMI with the
+summarizer's own totals (:mod:`cai_helpers.handlers.fmi_check`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cai_helpers.handlers import (
     write_json,
 )
 from cai_helpers.handlers.executor import PREDICTION_COLUMNS, decode_predictions
+from cai_helpers.handlers.fmi_check import fmi_summary
 from cai_helpers.inference import BITS_PER_GALAXY
 from cai_helpers.logs import setup_logging
 from cai_helpers.store import Store
@@ -176,6 +180,7 @@ def summarize(
         "catalog_key": run_key(run_id, "catalog.parquet"),
         "summary_key": run_key(run_id, "summary.json"),
         "allreduced": next((r["allreduced"] for r in ranks if r["rank"] == 0 and r.get("allreduced")), None),
+        "fmi": fmi_summary(plan, ranks, catalog),
     }
     failed_percentage = 100.0 * len(summary["failed_partitions"]) / max(1, summary["n_partitions"])
     tolerated = float(params.get("tolerated_failure_percentage", 0.0))

@@ -75,3 +75,7 @@ class RunFailedError(CAIError):
 
 class ToleratedFailureExceededError(CAIError):
     """More partitions of a fan-out run failed than its tolerated failure percentage allows."""
+
+
+class NotebookFailedError(CAIError):
+    """A notebook of the main job raised an error while papermill executed it."""

@@ -37,6 +37,7 @@ from cai_helpers.partition_io import (
     decode_safetensors,
     encode_safetensors,
     iter_dataset_shards,
+    dataset_fingerprint,
     dataset_row_count,
 )
 from cai_helpers.store import Store, join_key
@@ -254,6 +255,7 @@ def write_partitions(
     holds a complete partition set.
     """
     started = time.perf_counter()
+    fingerprint = dataset_fingerprint(store, dataset_prefix)
     n_dataset = dataset_row_count(store, dataset_prefix)
     n_rows = n_dataset if max_rows is None else min(n_dataset, max_rows)
     if n_rows == 0:
@@ -278,6 +280,7 @@ def write_partitions(
         "format": PARTITION_FORMAT,
         "store": store.uri,
         "dataset_prefix": dataset_prefix,
+        "dataset_manifest_sha256": fingerprint,
         "partition_prefix": out_prefix,
         "partition_mb": partition_mb,
         "galaxies_per_partition": galaxies_per_partition(partition_mb),

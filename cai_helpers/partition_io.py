@@ -180,6 +180,20 @@ def _manifest_rows(manifest: dict[str, Any]) -> int | None:
     return None
 
 
+def dataset_fingerprint(store: Store, dataset_prefix: str) -> str | None:
+    """Return the sha256 of the data set's manifest.json, or None when it has none.
+
+    Rebuilding a data set rewrites its manifest (new shard checksums or row counts), so
+    partitions cut from an older build can be recognised and not reused.
+    """
+    import hashlib
+
+    try:
+        return hashlib.sha256(store.get(join_key(dataset_prefix, "manifest.json"))).hexdigest()
+    except ObjectNotFoundError:
+        return None
+
+
 def dataset_row_count(store: Store, dataset_prefix: str) -> int:
     """Return the number of rows in a data set, from its manifest or the shard headers."""
     manifest = _read_manifest(store, dataset_prefix)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cai_helpers.errors import InvalidParameterError
+from cai_helpers.errors import InvalidParameterError, NotebookFailedError
 from cai_helpers.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ KERNEL_NAME = "python3"
 STORE = "data/store"
 DATASET_PREFIX = "datasets/sdss-rendered"  # written by notebook 01
 MODEL_DIR = "data/models/astromae"
+FANOUT_STEP = "04"  # the step whose parameters are a fan-out run's settings
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,55 @@ def execute_step(step: NotebookStep, out_dir: Path, overrides: dict[str, Any] | 
 
     started = time.perf_counter()
     log.info("executing %s with %s", step.name, parameters)
-    papermill.execute_notebook(str(source), str(out_dir / step.name), parameters=parameters,
-                               kernel_name=KERNEL_NAME, cwd=str(ROOT))
+    try:
+        papermill.execute_notebook(str(source), str(out_dir / step.name), parameters=parameters,
+                                   kernel_name=KERNEL_NAME, cwd=str(ROOT))
+    except papermill.PapermillExecutionError as exc:
+        raise NotebookFailedError(
+            f"{step.name} failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}; "
+            f"the executed copy {out_dir / step.name} shows the traceback"
+        ) from exc
     log.info("executed %s in %.1f s", step.name, time.perf_counter() - started)
     return out_dir / step.name
+
+
+def notebook_parameters(step: NotebookStep) -> set[str]:
+    """Return the names the notebook's ``parameters`` cell declares."""
+    import papermill
+
+    return set(papermill.inspect_notebook(str(NOTEBOOK_DIR / step.name)))
+
+
+def check_parameters(steps: Sequence[NotebookStep], overrides: dict[str, dict[str, Any]]) -> None:
+    """Reject, before anything runs, parameters a notebook does not declare and invalid run settings.
+
+    papermill only warns about an unknown parameter and runs on with the default, so a
+    misspelt ``-p 04.batchsize=8`` would silently run at batch 512.
+    """
+    known_steps = {s.key: s for s in NOTEBOOK_STEPS}
+    for key, values in overrides.items():
+        if key not in known_steps:
+            raise InvalidParameterError(f"unknown notebook step {key!r} in -p {key}.NAME=VALUE; known steps: {sorted(known_steps)}")
+        declared = notebook_parameters(known_steps[key])
+        unknown = sorted(set(values) - declared)
+        if unknown:
+            raise InvalidParameterError(
+                f"notebook {known_steps[key].name} has no parameter {', '.join(unknown)}; "
+                f"its parameters are: {', '.join(sorted(declared))}"
+            )
+    for step in steps:
+        if step.key == FANOUT_STEP:
+            _check_run_parameters({**step.parameters, **overrides.get(step.key, {})})
+
+
+def _check_run_parameters(parameters: dict[str, Any]) -> None:
+    """Validate the fan-out step's run settings the way notebook 04 will build them."""
+    from dataclasses import fields
+
+    from cai_helpers.runconfig import RunParams
+
+    names = {f.name for f in fields(RunParams)} - {"extra"}
+    RunParams(**{k: v for k, v in parameters.items() if k in names}).validate()
 
 
 def run_pipeline(
@@ -145,7 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown notebook step(s) {unknown}; known: {[s.key for s in NOTEBOOK_STEPS]}")
     steps = [s for s in NOTEBOOK_STEPS if s.key in requested]
-    outcome = run_pipeline(steps, out_dir=args.out_dir, overrides=parse_overrides(args.parameter))
+    try:
+        overrides = parse_overrides(args.parameter)
+        check_parameters(steps, overrides)
+        outcome = run_pipeline(steps, out_dir=args.out_dir, overrides=overrides)
+    except InvalidParameterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NotebookFailedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     print("executed notebooks:")
     for key, path in outcome["executed"].items():

@@ -36,6 +36,7 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]] | None]) -> F
         ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
         ax.plot(epochs, [r["val_loss"] for r in records], "s-", label="validation")
         ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
         ax.set_ylabel("masked-patch MSE (scaled pixels)" if name == "pretrain"
                       else "MSE of z")
         ax.set_yscale("log")

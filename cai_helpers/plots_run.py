@@ -75,6 +75,7 @@ def plot_throughput(records: list[dict[str, Any]], ax: Any = None) -> Any:
     ax.bar(ranks - width / 2, wall, width, label="images / rank wall time")
     ax.bar(ranks + width / 2, inference, width, label="images / inference time")
     ax.set_xlabel("rank")
+    ax.set_xticks(ranks)
     ax.set_ylabel("images per second")
     ax.legend(fontsize="small")
     ax.set_title("throughput per rank")

@@ -289,3 +289,22 @@ def test_onnx_executor_stays_torch_free(local_store, model_dir):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [2, False]
+
+
+def test_partitions_are_cut_again_after_dataset_rebuild(local_store):
+    """Partitions of an older build of the data set must not be reused."""
+    from cai_helpers.handlers.initializer import ensure_partitions
+    from cai_helpers.runconfig import RunParams
+
+    write_dataset(local_store, "ds", [20])
+    params = RunParams(store=local_store.uri, dataset_prefix="ds", partition_mb=0.2)
+    prefix, first = ensure_partitions(local_store, params)
+    assert first["n_rows"] == 20
+    _, again = ensure_partitions(local_store, params)
+    assert again["created_at"] == first["created_at"]  # same build: reused
+
+    local_store.delete_prefix("ds/")
+    write_dataset(local_store, "ds", [12], seed=1)
+    _, rebuilt = ensure_partitions(local_store, params)
+    assert rebuilt["n_rows"] == 12
+    assert rebuilt["created_at"] != first["created_at"]

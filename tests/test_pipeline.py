@@ -77,3 +77,27 @@ def test_notebook_04_runs_headless(tmp_path, local_store):
         assert results[key] == pytest.approx(summary[key])
     assert (tmp_path / "figures" / "04_rank_timeline.png").stat().st_size > 0
     assert (tmp_path / "out" / "04_lambda_fanout.ipynb").is_file()
+
+
+def test_main_rejects_unknown_parameter_before_running(capsys):
+    from cai_helpers.pipeline import main
+
+    assert main(["-p", "04.batchsize=8"]) == 2
+    err = capsys.readouterr().err
+    assert "has no parameter batchsize" in err
+    assert "batch_size" in err  # the list of valid names
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [("04.batch_size=0", "batch_size must be an integer"),
+     ("04.runtime=tensorrt", "invalid runtime 'tensorrt'"),
+     ("04.max_concurrency=0", "max_concurrency")],
+)
+def test_main_rejects_invalid_run_settings_first(tmp_path, capsys, pair, message):
+    from cai_helpers.pipeline import main
+
+    # Step 01 would write here if anything ran before the check.
+    assert main(["--out-dir", str(tmp_path / "out"), "-p", pair]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from cai_helpers.partition import (
     rows_for_data_size,
     write_partitions,
 )
-from cai_helpers.partition_io import dataset_row_count
+from cai_helpers.partition_io import dataset_fingerprint, dataset_row_count
 from cai_helpers.runconfig import RunParams, new_run_id
 from cai_helpers.store import Store, join_key, open_store
 
@@ -74,9 +74,14 @@ def ensure_partitions(store: Store, params: RunParams) -> tuple[str, dict[str, A
     max_rows = rows_for_data_size(params.data_size_mb) if params.data_size_mb is not None else None
     if store.exists(join_key(prefix, MANIFEST_NAME)):
         manifest = read_manifest(store, prefix)
-        if manifest.get("dataset_prefix") == params.dataset_prefix and manifest.get("partition_mb") == params.partition_mb:
+        same_source = (manifest.get("dataset_prefix") == params.dataset_prefix
+                       and manifest.get("partition_mb") == params.partition_mb
+                       and manifest.get("dataset_manifest_sha256") == dataset_fingerprint(store, params.dataset_prefix))
+        if same_source:
             log.info("reusing %d partitions under %s", manifest["n_partitions"], prefix)
             return prefix, manifest
+        log.info("partitions under %s were cut from another build of %s; partitioning again",
+                 prefix, params.dataset_prefix)
     return prefix, write_partitions(store, params.dataset_prefix, prefix, params.partition_mb, max_rows=max_rows)
 
 

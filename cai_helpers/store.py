@@ -168,13 +168,22 @@ class LocalStore(Store):
         except IsADirectoryError:
             raise ObjectNotFoundError(f"{key!r} in local store {self.root} is a folder, not an object") from None
 
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    def _write_temp(self, path: Path, data: bytes) -> str:
+        """Write ``data`` to a hidden temporary file beside ``path``; return its name."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -182,11 +191,8 @@ class LocalStore(Store):
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        tmp = self._write_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
             # link() fails if the target exists, so exactly one concurrent writer wins.
             os.link(tmp, path)
             return True

@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,15 +27,14 @@ import numpy as np
 
 from cai_helpers import bench_report, roofline
 from cai_helpers.bench_setup import dataset_galaxies, make_runtime, prepare_model_dir, synthetic_galaxies
+from cai_helpers.bench_timing import (PARTITION_MB_FOR_SWEEP, data_size_sweep, images_for_gb,
+                                      int8_accuracy, time_inference)
 from cai_helpers.errors import CAIError, InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "torch-compile", "onnx", "onnx-int8")
 BITS_PER_IMAGE = bench_report.BITS_PER_IMAGE
-BYTES_PER_IMAGE = BITS_PER_IMAGE // 8  # data-size axis of the CAI paper (arXiv:2501.06249): 20,520 B per galaxy
-GB = 2**30
-PARTITION_MB_FOR_SWEEP = 25  # the data-size sweep cycles one partition of this size
 
 
 @dataclass
@@ -45,10 +43,14 @@ class BenchConfig:
 
     ``threads`` None means (1, all usable cores). ``device`` "auto" picks cuda when
     available. ``data_size_runtimes`` None sweeps data size for every runtime.
+    ``compile_batch_sizes`` None times torch-compile at every batch size, and each size
+    costs one compilation. ``fanout_batch_size`` None runs the fan-out at the worker
+    default, ``RunParams.batch_size``.
     """
 
     runtimes: tuple[str, ...] = RUNTIMES
     batch_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    compile_batch_sizes: tuple[int, ...] | None = None
     threads: tuple[int, ...] | None = None
     data_sizes_gb: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     data_size_batch: int = 512
@@ -66,6 +68,7 @@ class BenchConfig:
     fanout_partition_mb: tuple[float, ...] = (25, 50, 75, 100)
     fanout_data_mb: float = 400.0
     fanout_workers: int | None = None
+    fanout_batch_size: int | None = None
     fanout_dataset_prefix: str | None = None
     fanout_store: str = "data/store"
     seed: int = 0
@@ -92,6 +95,10 @@ class BenchConfig:
             raise InvalidParameterError(f"unknown runtimes {unknown}: use any of {RUNTIMES}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InvalidParameterError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.compile_batch_sizes is not None and (not self.compile_batch_sizes or min(self.compile_batch_sizes) < 1):
+            raise InvalidParameterError(f"torch-compile batch sizes must be >= 1, got {self.compile_batch_sizes}")
+        if self.fanout_batch_size is not None and self.fanout_batch_size < 1:
+            raise InvalidParameterError(f"fan-out batch size must be >= 1, got {self.fanout_batch_size}")
         if self.threads is not None and (not self.threads or min(self.threads) < 1):
             raise InvalidParameterError(f"thread counts must be >= 1, got {self.threads}")
         if self.repeats < 1 or self.warmup_batches < 0:
@@ -128,116 +135,6 @@ def _set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def time_inference(predictor, images: np.ndarray, magnitudes: np.ndarray, batch_size: int,
-                   config: BenchConfig) -> dict:
-    """Time ``predictor.predict_batch`` on batches of ``batch_size``; return median figures.
-
-    Each repeat runs ceil(min_images_per_repeat / batch) batches (at least one) after
-    ``warmup_batches`` untimed ones. The first call's time is kept as ``first_call_s``
-    (torch.compile's compile time).
-    """
-    n = len(images)
-    batches_per_repeat = max(1, -(-config.min_images_per_repeat // batch_size))
-    starts = [(i * batch_size) % max(1, n - batch_size + 1) for i in range(batches_per_repeat)]
-
-    first = time.perf_counter()
-    predictor.predict_batch(images[:batch_size], magnitudes[:batch_size])
-    first_call_s = time.perf_counter() - first
-    for _ in range(max(0, config.warmup_batches - 1)):
-        predictor.predict_batch(images[:batch_size], magnitudes[:batch_size])
-
-    seconds = []
-    with bench_report.PeakRSS() as peak:
-        for _ in range(config.repeats):
-            started = time.perf_counter()
-            for start in starts:
-                predictor.predict_batch(images[start:start + batch_size], magnitudes[start:start + batch_size])
-            seconds.append(time.perf_counter() - started)
-    median_s = statistics.median(seconds)
-    images_timed = batches_per_repeat * batch_size
-    images_per_s = images_timed / median_s
-    return {
-        "batch_size": batch_size, "images_per_repeat": images_timed, "repeats": config.repeats,
-        "median_s": median_s, "min_s": min(seconds), "max_s": max(seconds),
-        "images_per_s": images_per_s, "bits_per_s": images_per_s * BITS_PER_IMAGE,
-        "gbit_per_s": images_per_s * BITS_PER_IMAGE / 1e9, "ms_per_batch": 1000 * median_s / batches_per_repeat,
-        "first_call_s": first_call_s, "peak_rss_mb": peak.peak_mb, "rss_start_mb": peak.start_mb,
-        "peak_rss_scope": peak.scope,
-    }
-
-
-def images_for_gb(data_gb: float) -> int:
-    """Return the galaxies in ``data_gb`` GB at 20,520 B per galaxy (at least one)."""
-    return max(1, int(data_gb * GB // BYTES_PER_IMAGE))
-
-
-def data_size_sweep(predictor, galaxies: dict[str, np.ndarray], sizes_gb: tuple[float, ...],
-                    work_dir: Path, warmup_batches: int = 1) -> list[dict]:
-    """Stream the largest data size through read -> decode -> inference -> write; return
-    one row per size with the cumulative stage times when that size was reached.
-
-    The input is one partition file (the worker's format, up to 25 MB) read from disk
-    and decoded on every pass, so the read, decode and write stages are real I/O. A pass
-    ends early at the next requested size, so every row counts exactly its images. The
-    predictor first runs ``warmup_batches`` untimed full batches.
-    """
-    from cai_helpers.partition import decode_partition, galaxies_per_partition
-    from cai_helpers.partition_io import encode_safetensors
-
-    rows_per_file = min(galaxies_per_partition(PARTITION_MB_FOR_SWEEP), len(galaxies["images"]))
-    path = work_dir / "sweep-partition.safetensors"
-    path.write_bytes(encode_safetensors({k: v[:rows_per_file] for k, v in galaxies.items()}))
-    output = work_dir / "sweep-predictions.safetensors"
-
-    warmup = {name: np.resize(values, (predictor.batch_size, *values.shape[1:]))
-              for name, values in galaxies.items() if name in ("images", "magnitudes")}
-    for _ in range(max(1, warmup_batches)):
-        predictor.predict_batch(warmup["images"], warmup["magnitudes"])
-
-    targets = sorted((images_for_gb(size), size) for size in sizes_gb)
-    stages = dict(read_s=0.0, decode_s=0.0, inference_s=0.0, write_s=0.0)
-    done, rows = 0, []
-    with bench_report.PeakRSS() as peak:
-        while targets and done < targets[-1][0]:
-            t0 = time.perf_counter()
-            data = path.read_bytes()
-            t1 = time.perf_counter()
-            arrays = decode_partition(data, key=str(path))
-            take = min(rows_per_file, targets[0][0] - done)  # stop exactly at the next size
-            arrays = {name: values[:take] for name, values in arrays.items()}
-            t2 = time.perf_counter()
-            z_pred, _ = predictor.predict_partition(arrays)
-            t3 = time.perf_counter()
-            output.write_bytes(encode_safetensors({"object_id": arrays["object_id"], "z_pred": z_pred}))
-            t4 = time.perf_counter()
-            for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                stages[name] += seconds
-            done += take
-            while targets and done >= targets[0][0]:
-                images, size = targets.pop(0)
-                total = sum(stages.values())
-                rows.append({"data_gb": size, "images": done, "seconds": total, **stages,
-                             "images_per_s": done / total, "bits_per_s": done * BITS_PER_IMAGE / total})
-    for row in rows:
-        row.update(peak_rss_mb=peak.peak_mb, rss_start_mb=peak.start_mb, peak_rss_scope=peak.scope)
-    return rows
-
-
-def int8_accuracy(model_dir: Path, images: np.ndarray, magnitudes: np.ndarray, threads: int) -> dict:
-    """Compare int8 and fp32 ONNX on the same galaxies: |dz| = |z8 - z32| / (1 + z32) quantiles."""
-    from cai_helpers.inference import make_predictor
-
-    batch = 512
-    fp32 = make_predictor("onnx", model_dir, batch_size=batch, threads=threads)
-    int8 = make_predictor("onnx-int8", model_dir, batch_size=batch, threads=threads)
-    arrays = {"images": images, "magnitudes": magnitudes}
-    z32, _ = fp32.predict_partition(arrays)
-    z8, _ = int8.predict_partition(arrays)
-    dz = np.abs(z8 - z32) / (1.0 + z32)
-    return {"n": int(len(dz)), "p50": float(np.percentile(dz, 50)), "p99": float(np.percentile(dz, 99)),
-            "max": float(dz.max()), "reference": "fp32 ONNX", "mean_z_fp32": float(z32.mean())}
 
 
 def _inputs(config: BenchConfig, n: int) -> tuple[dict[str, np.ndarray], str]:
@@ -326,12 +223,15 @@ def _run_runtime(runtime, config, device, threads_list, model_dir, images, magni
         result["model_load_s"].setdefault(runtime, time.perf_counter() - started)
         return predictor
 
+    batch_sizes = config.batch_sizes
+    if runtime == "torch-compile" and config.compile_batch_sizes:
+        batch_sizes = config.compile_batch_sizes
     for threads in threads_list:
         _set_threads(threads)
         bound = rooflines.get(threads) or next(iter(rooflines.values()))
         try:
-            shared = None if runtime == "torch-compile" else build(max(config.batch_sizes), threads)
-            for batch_size in config.batch_sizes:
+            shared = None if runtime == "torch-compile" else build(max(batch_sizes), threads)
+            for batch_size in batch_sizes:
                 predictor = shared or build(batch_size, threads)
                 row = time_inference(predictor, images, magnitudes, batch_size, config)
                 row.update(runtime=runtime, device=device, threads=threads,
@@ -368,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--quick", action="store_true", help="smoke preset: tiny sizes, small model if none shipped")
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="runtimes to time")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="batch sizes (images per call)")
+    parser.add_argument("--compile-batch-sizes", nargs="+", type=int,
+                        help="batch sizes of torch-compile (default: --batch-sizes); one compilation each")
     parser.add_argument("--threads", nargs="+", type=int, help="CPU thread counts (default: 1 and all cores)")
     parser.add_argument("--data-sizes-gb", nargs="+", type=float, help="data sizes in GB (2**30 B) to stream")
     parser.add_argument("--data-size-batch", type=int, help="batch size of the data-size sweep")
@@ -382,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--fanout-partition-mb", nargs="*", type=float, help="partition sizes in MB; none skips")
     parser.add_argument("--fanout-data-mb", type=float, help="MB of data per fan-out run")
     parser.add_argument("--fanout-workers", type=int, help="local workers of the fan-out (default: one per core)")
+    parser.add_argument("--fanout-batch-size", type=int,
+                        help="batch size of the fan-out workers (default: RunParams.batch_size)")
     parser.add_argument("--fanout-dataset-prefix", help="data set prefix in --fanout-store to partition")
     parser.add_argument("--fanout-store", help="store location of the fan-out data set")
     parser.add_argument("--out-dir", help="folder for the JSON results (default runs/bench)")

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 DATASET_PIXELS = 64
 SYNTHETIC_CHUNK_ROWS = 2_000
 SKY_NOISE_NANOMAGGIES = 0.02
-FANOUT_BATCH_SIZE = 512
 BITS_PER_IMAGE = 164_160
 
 
@@ -117,11 +116,12 @@ def fanout_sweep(config, model_dir: Path, work_dir: Path, result: dict) -> list[
     prefix = config.fanout_dataset_prefix or synthetic_dataset(store, rows_for_data_size(config.fanout_data_mb),
                                                                seed=config.seed)
     runtime = "onnx" if "onnx" in config.runtimes else config.runtimes[0]
+    batch_size = config.fanout_batch_size or RunParams.batch_size  # the dataclass field's default
     rows = []
     for partition_mb in config.fanout_partition_mb:
         params = RunParams(store=config.fanout_store, dataset_prefix=prefix, partition_mb=float(partition_mb),
                            data_size_mb=config.fanout_data_mb, model_dir=str(model_dir), runtime=runtime,
-                           batch_size=FANOUT_BATCH_SIZE, max_concurrency=config.fanout_workers,
+                           batch_size=batch_size, max_concurrency=config.fanout_workers,
                            threads_per_worker=1, backend="local", run_id=new_run_id())
         started = time.perf_counter()
         try:
@@ -134,7 +134,7 @@ def fanout_sweep(config, model_dir: Path, work_dir: Path, result: dict) -> list[
         records = _rank_records(store, params.run_id)
         partitions = sum(len(r.get("partitions_done", [])) for r in records)
         row = summarize_ranks(records, wall_s, float(partition_mb), len(records), partitions)
-        row.update(run_id=params.run_id, runtime=runtime)
+        row.update(run_id=params.run_id, runtime=runtime, batch_size=batch_size)
         logger.info("fan-out %s MB: %d workers, %.1f images/s, worker efficiency %s", partition_mb,
                     len(records), row["images_per_s"] or 0.0, row["worker_efficiency"])
         rows.append(row)

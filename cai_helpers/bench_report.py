@@ -186,7 +186,8 @@ DATA_SIZE_COLUMNS = [
     ("peak_rss_mb", "peak RSS MB", ".0f"),
 ]
 FANOUT_COLUMNS = [
-    ("partition_mb", "partition MB", ".0f"), ("workers", "workers", "d"), ("partitions", "partitions", "d"),
+    ("partition_mb", "partition MB", ".0f"), ("batch_size", "batch", "d"), ("workers", "workers", "d"),
+    ("partitions", "partitions", "d"),
     ("wall_s", "wall s", ".2f"), ("worker_mean_s", "worker mean s", ".2f"),
     ("images_per_s", "images/s", ".1f"), ("worker_efficiency", "e2e/infer", ".3f"),
     ("worker_peak_rss_mb", "worker peak MB", ".0f"),

@@ -26,6 +26,8 @@ INPUT_NAMES = ("images", "magnitudes")
 OUTPUT_NAME = "redshift"
 FP32_FILE = "astromae.onnx"
 INT8_FILE = "astromae.int8.onnx"
+# MatMul/Gemm layers with at most this many input features are not quantised.
+FLOAT_MAX_IN_FEATURES = 16
 
 
 def _example_inputs(model: AstroMAE, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,16 +85,53 @@ def export_onnx(model: AstroMAE, path: str | Path) -> Path:
     return path
 
 
+def float_layers(graph: Any, max_in_features: int = FLOAT_MAX_IN_FEATURES) -> list[str]:
+    """Return the names of the MatMul and Gemm nodes of an ONNX graph to keep in float32.
+
+    These are the nodes with a weight initializer of at most ``max_in_features`` input
+    features, such as the magnitude MLP's first layer (5 inputs). Dynamic quantisation
+    rounds each activation tensor to 8 bits with a single scale, and a dot product over
+    so few inputs does not average that rounding out. Each Gemm is listed under its own
+    name and under the ``<name>_MatMul`` name that onnxruntime's quantiser gives it when
+    it rewrites a Gemm as MatMul + Add.
+    """
+    import onnx
+
+    weights = {init.name: tuple(init.dims) for init in graph.graph.initializer}
+    names = []
+    for node in graph.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        dims = weights[node.input[1]]
+        if len(dims) != 2:
+            continue
+        trans_b = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
+        in_features = dims[1] if node.op_type == "Gemm" and trans_b else dims[0]
+        if in_features <= max_in_features:
+            names += [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
+    return names
+
+
 def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> Path:
-    """Quantise the MatMul and Gemm weights of an ONNX graph to int8 (dynamic
-    activations quantisation, onnxruntime.quantization.quantize_dynamic)."""
+    """Quantise the MatMul and Gemm weights of an ONNX graph to int8 with dynamic
+    activation quantisation (onnxruntime.quantization.quantize_dynamic).
+
+    Layers with at most ``FLOAT_MAX_IN_FEATURES`` input features stay float32 (see
+    :func:`float_layers`). On the shipped model that is the magnitude MLP's first layer,
+    which alone put the int8 model's p99 |dz| against float32 at 0.0066; without it
+    p99 is 0.0014 on the 1,526 test cutouts (onnxruntime 1.32).
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    excluded = float_layers(onnx.load(str(src), load_external_data=False))
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
-                     per_channel=per_channel, weight_type=QuantType.QInt8)
-    logger.info("wrote %s (%.1f MB)", dst, dst.stat().st_size / 2**20)
+                     per_channel=per_channel, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=excluded)
+    logger.info("wrote %s (%.1f MB); nodes kept in float32: %s",
+                dst, dst.stat().st_size / 2**20, sorted({name.removesuffix("_MatMul") for name in excluded}))
     return dst
 
 

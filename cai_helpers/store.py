@@ -10,7 +10,7 @@ never see a partial object, which is what lets a retried or resumed worker trust
 object that exists.
 
 S3 calls go through :meth:`S3Store._call`, which retries connection failures, throttling
-and 5xx answers with exponential backoff and equal jitter, then raises
+and 5xx responses with exponential backoff and equal jitter, then raises
 :class:`~cai_helpers.errors.StoreUnavailableError` naming the endpoint and the key.
 Equal jitter (a delay between half the ceiling and the ceiling) spreads clients apart
 like full jitter does, but it also guarantees a minimum retry window: the default six

@@ -56,7 +56,7 @@ NOTEBOOK_STEPS: tuple[NotebookStep, ...] = (
     NotebookStep("02_astromae.ipynb", {"mode": "load", "model_dir": MODEL_DIR, "onnx_dir": MODEL_DIR, "n_eval": 0}),
     NotebookStep("04_lambda_fanout.ipynb", {
         "backend": "local", "store": STORE, "dataset_prefix": DATASET_PREFIX, "partition_mb": 25,
-        "data_size_mb": None, "batch_size": 512, "runtime": "onnx", "max_concurrency": None,
+        "data_size_mb": None, "batch_size": 256, "runtime": "onnx", "max_concurrency": None,
         "model_dir": MODEL_DIR,
     }),
 )

@@ -87,7 +87,7 @@ class RunParams:
     data_size_mb: float | None = None
     model_dir: str = "data/models/astromae"
     runtime: str = "onnx"
-    batch_size: int = 512
+    batch_size: int = 256  # peak worker RSS 536 MB at 256 against 684 MB at 512 (BENCHMARKS.md)
     max_concurrency: int | None = None
     threads_per_worker: int | None = None
     backend: str = "local"

@@ -70,3 +70,20 @@ def test_onnx_differs_from_other_weights(exported, cutouts):
     torch.manual_seed(1)
     other = AstroMAE(AstroMAEConfig.small()).eval()
     assert onnx_parity(other, paths["fp32"], *cutouts)["max"] > 1e-3
+
+
+def test_exports_fit_lambda_onnxruntime(tmp_path):
+    """The Lambda bundle's onnxruntime 1.16 reads IR versions up to 9 and opsets up to 19."""
+    import onnx
+
+    from cai_helpers.export import export_onnx, quantize_int8
+    from cai_helpers.model import AstroMAE, AstroMAEConfig
+
+    torch.manual_seed(0)
+    fp32 = export_onnx(AstroMAE(AstroMAEConfig.small()), tmp_path / "astromae.onnx")
+    int8 = quantize_int8(fp32, tmp_path / "astromae.int8.onnx")
+    for path in (fp32, int8):
+        graph = onnx.load(str(path))
+        assert graph.ir_version <= 9, path.name
+        default_opset = [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")]
+        assert default_opset and max(default_opset) <= 19, path.name

@@ -183,8 +183,14 @@ class OnnxPredictor(BatchedPredictor):
                 f"ONNX model {path} not found; export it with cai_helpers.export.export_onnx "
                 "(notebook 02) or choose runtime='torch'"
             )
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                            providers=_providers(device))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                                providers=_providers(device))
+        except Exception as exc:  # ONNX Runtime's error classes derive from Exception only
+            raise CheckpointError(
+                f"ONNX model {path} cannot be loaded ({type(exc).__name__}: {exc}); export it again "
+                "with cai_helpers.export.export_onnx (notebook 02) or choose runtime='torch'"
+            ) from exc
         self.runtime = runtime
         self._release_options = ort.RunOptions()
         self._release_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cai_helpers.errors import ChecksumError, DataFormatError, InvalidParameterError
+from cai_helpers.errors import ChecksumError, DataFormatError, InvalidParameterError, ObjectNotFoundError
 from cai_helpers.partition_io import (
     check_arrays,
     decode_safetensors,
@@ -52,6 +52,7 @@ CROP_PIXELS = 32
 MANIFEST_NAME = "manifest.json"
 PARTITION_FORMAT = "cai-partitions/1"
 PARTITION_TENSORS = ("images", "magnitudes", "redshift", "object_id", "split")
+MAX_IDS_SHOWN = 5  # object ids quoted in an error message
 
 
 def galaxies_per_partition(partition_mb: float) -> int:
@@ -141,6 +142,17 @@ def decode_partition(
             f"partition {key}: holds {rows} rows but the manifest lists {expected_rows}; "
             "re-run partitioning into a fresh prefix"
         )
+    if rows == 0:
+        raise DataFormatError(
+            f"partition {key}: has no rows; drop it from the manifest or re-run partitioning into a fresh prefix"
+        )
+    unique, counts = np.unique(arrays["object_id"], return_counts=True)
+    if (counts > 1).any():
+        duplicates = unique[counts > 1][:MAX_IDS_SHOWN].tolist()
+        raise DataFormatError(
+            f"partition {key}: duplicate object_id values {duplicates} within the partition; every "
+            "galaxy must appear once, so fix the data set and re-run partitioning into a fresh prefix"
+        )
     return arrays
 
 
@@ -149,14 +161,42 @@ def read_manifest(store: Store, prefix: str) -> dict[str, Any]:
     key = join_key(prefix, MANIFEST_NAME)
     try:
         manifest = json.loads(store.get(key))
-    except json.JSONDecodeError as exc:
+    except ObjectNotFoundError:
+        raise ObjectNotFoundError(
+            f"no partition manifest at {store.url_of(key)}: partition a data set there with "
+            "write_partitions, or run with dataset_prefix instead of partition_prefix"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"partition manifest {store.url_of(key)} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != PARTITION_FORMAT or "partitions" not in manifest:
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if not isinstance(manifest, dict) or found != PARTITION_FORMAT or "partitions" not in manifest:
         raise DataFormatError(
-            f"{store.url_of(key)} is not a partition manifest (format {manifest.get('format')!r}, "
+            f"{store.url_of(key)} is not a partition manifest (format {found!r}, "
             f"expected {PARTITION_FORMAT!r}); create one with write_partitions"
         )
+    _check_manifest_entries(manifest["partitions"], store.url_of(key))
     return manifest
+
+
+def _check_manifest_entries(entries: Any, where: str) -> None:
+    """Raise DataFormatError naming the manifest ``where`` unless every entry is usable."""
+    if not isinstance(entries, list):
+        raise DataFormatError(f"{where}: 'partitions' must be a list of entries, got {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        problem = None
+        if not isinstance(entry, dict):
+            problem = f"it is a {type(entry).__name__}, not an object"
+        elif not isinstance(entry.get("key"), str):
+            problem = f"'key' must be a string, got {entry.get('key')!r}"
+        elif isinstance(entry.get("rows"), bool) or not isinstance(entry.get("rows"), int) or entry["rows"] < 0:
+            problem = f"'rows' must be an integer >= 0, got {entry.get('rows')!r}"
+        elif not isinstance(entry.get("sha256"), str):
+            problem = f"'sha256' must be a hex string, got {entry.get('sha256')!r}"
+        if problem:
+            raise DataFormatError(
+                f"{where}: partition entry {index} is invalid: {problem}; "
+                "re-run partitioning into a fresh prefix"
+            )
 
 
 class _RowBuffer:

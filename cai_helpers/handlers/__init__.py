@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cai_helpers.errors import DataFormatError
 from cai_helpers.store import Store, join_key, open_store
 
 RUNS_PREFIX = "runs"
@@ -57,7 +58,14 @@ def store_from_event(event: dict[str, Any]) -> Store:
 
 
 def read_json(store: Store, key: str) -> Any:
-    return json.loads(store.get(key))
+    """Return the parsed JSON object ``key``; raise DataFormatError if it is not valid JSON."""
+    try:
+        return json.loads(store.get(key))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFormatError(
+            f"{store.url_of(key)} is not valid JSON ({exc}); it was changed outside CAI, so restore "
+            "it or start a new run with a fresh run_id"
+        ) from exc
 
 
 def _to_builtin(value: Any) -> Any:

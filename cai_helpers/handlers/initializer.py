@@ -18,11 +18,13 @@ import re
 import time
 from typing import Any
 
-from cai_helpers.errors import InvalidParameterError, ObjectNotFoundError
+from cai_helpers.errors import DataFormatError, InvalidParameterError, ObjectNotFoundError
 from cai_helpers.handlers import plan_key, partition_name, read_json, write_json
 from cai_helpers.logs import setup_logging
 from cai_helpers.partition import (
+    BYTES_PER_GALAXY,
     MANIFEST_NAME,
+    MB,
     plan_partitions,
     read_manifest,
     rows_for_data_size,
@@ -135,11 +137,52 @@ def initialize(params: RunParams) -> dict[str, Any]:
     }
 
 
+def check_worker_memory(partition_mb: float, params: RunParams, label: str) -> None:
+    """Raise InvalidParameterError if a ``partition_mb`` MB partition needs more than the worker memory.
+
+    The need is the scale model's estimate (a base plus a multiple of the partition
+    size, see ``cai_helpers.scale_model.LambdaAssumptions``), not a measurement.
+    """
+    from cai_helpers.scale_model import LambdaAssumptions, required_memory_mb
+
+    assumptions = LambdaAssumptions()
+    needed_mb = required_memory_mb(partition_mb, assumptions)
+    if needed_mb > params.lambda_memory_mb:
+        raise InvalidParameterError(
+            f"{label} ({partition_mb:.2f} MB) needs about {needed_mb:.0f} MB of worker memory "
+            f"(estimate: {assumptions.memory_base_mb:.0f} MB + {assumptions.memory_per_partition_mb} x "
+            f"partition MB), more than lambda_memory_mb={params.lambda_memory_mb} MB; use a smaller "
+            "partition_mb or give the workers more memory"
+        )
+
+
+def check_partition_names(records: list[dict[str, Any]], manifest_url: str) -> None:
+    """Raise DataFormatError if two partitions share a name, because predictions are stored per name."""
+    keys_by_name: dict[str, list[str]] = {}
+    for record in records:
+        keys_by_name.setdefault(partition_name(record["key"]), []).append(record["key"])
+    repeated = {name: keys for name, keys in keys_by_name.items() if len(keys) > 1}
+    if repeated:
+        raise DataFormatError(
+            f"partition manifest {manifest_url} lists partition name(s) {sorted(repeated)} more than "
+            f"once (keys {sorted(repeated.values())}); predictions are stored per name, so give every "
+            "partition a distinct file name"
+        )
+
+
 def _new_plan(store: Store, params: RunParams, run_id: str, started_at: float) -> dict[str, Any]:
+    if not params.partition_prefix:
+        check_worker_memory(params.partition_mb, params, f"partition_mb={params.partition_mb}")
     prefix, manifest = ensure_partitions(store, params)
     records = manifest["partitions"]
     if not records:
         raise InvalidParameterError(f"partition set {prefix} contains no partitions, so there is nothing to run; partition the data set again")
+    check_partition_names(records, store.url_of(join_key(prefix, MANIFEST_NAME)))
+    for record in records:
+        size_bytes = record.get("bytes")
+        if not isinstance(size_bytes, int):  # a hand-made manifest may leave sizes out
+            size_bytes = record["rows"] * BYTES_PER_GALAXY
+        check_worker_memory(size_bytes / MB, params, f"partition {record['key']}")
 
     world_size = params.resolved_concurrency(len(records))
     ranks = assign_partitions([p["rows"] for p in records], world_size)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = {0: "train", 1: "validation", 2: "test"}
 METRIC_KEYS = ("mse", "mae", "bias", "sigma_nmad", "outlier_fraction")
 READ_THREADS = 16  # concurrent GETs of predictions objects
+MAX_DUPLICATES_SHOWN = 20  # object ids listed in summary.json under duplicate_object_ids
 
 # Fallback prices (Lambda x86, us-east-1) used only when cai_helpers.cost is absent.
 LAMBDA_USD_PER_GB_S = 0.0000166667
@@ -57,11 +58,38 @@ def prediction_keys(store: Store, run_id: str) -> list[str]:
     return [k for k in store.list(predictions_prefix(run_id)) if k.endswith(".parquet")]
 
 
-def build_catalog(store: Store, run_id: str, keys: list[str]) -> dict[str, np.ndarray]:
-    """Read the predictions objects ``keys``; return columns deduplicated by object_id, sorted."""
+def read_predictions(store: Store, keys: list[str]) -> list[dict[str, np.ndarray]]:
+    """Read and decode the predictions objects ``keys``, in the order given."""
     # GETs in parallel: one S3 request takes tens of ms, and boto3 clients are thread-safe.
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        parts = list(pool.map(lambda key: decode_predictions(store.get(key)), keys))
+        return list(pool.map(lambda key: decode_predictions(store.get(key)), keys))
+
+
+def duplicate_object_ids(parts: list[dict[str, np.ndarray]], names: list[str]) -> tuple[int, list[dict[str, Any]]]:
+    """Return how many rows repeat an object_id of another row, and up to MAX_DUPLICATES_SHOWN examples.
+
+    Each example names the object_id and the partitions (``names[i]`` for ``parts[i]``)
+    that contain it. Only bad input repeats an id, because every partition has exactly
+    one predictions object and write_partitions rejects duplicate ids.
+    """
+    if not parts:
+        return 0, []
+    ids = np.concatenate([part["object_id"] for part in parts])
+    owners = np.concatenate([np.full(len(part["object_id"]), index) for index, part in enumerate(parts)])
+    unique, counts = np.unique(ids, return_counts=True)
+    examples = [
+        {"object_id": int(object_id), "partitions": sorted({names[i] for i in owners[ids == object_id]})}
+        for object_id in unique[counts > 1][:MAX_DUPLICATES_SHOWN]
+    ]
+    return int(len(ids) - len(unique)), examples
+
+
+def build_catalog(store: Store, run_id: str, keys: list[str],
+                  parts: list[dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+    """Read the predictions objects ``keys`` (or take ``parts``, already read); return columns
+    deduplicated by object_id (the first occurrence in ``keys`` order wins), sorted."""
+    if parts is None:
+        parts = read_predictions(store, keys)
     if not parts:
         return {name: np.empty(0) for name in PREDICTION_COLUMNS}
     joined = {name: np.concatenate([p[name] for p in parts]) for name in PREDICTION_COLUMNS}
@@ -137,9 +165,17 @@ def summarize(
     ranks = [read_json(store, key) for key in store.list(ranks_prefix(run_id)) if key.endswith(".json")]
 
     keys = prediction_keys(store, run_id)
-    catalog = build_catalog(store, run_id, keys)
+    parts = read_predictions(store, keys)
+    catalog = build_catalog(store, run_id, keys, parts)
     store.put(run_key(run_id, "catalog.parquet"), encode_catalog(catalog))
-    predicted = {k.rsplit("/", 1)[-1].removesuffix(".parquet") for k in keys}
+    names = [k.rsplit("/", 1)[-1].removesuffix(".parquet") for k in keys]
+    predicted = set(names)
+    n_duplicate_rows, duplicates = duplicate_object_ids(parts, names)
+    if n_duplicate_rows:
+        log.warning("run %s: %d rows repeat an object_id of another partition, e.g. %s; the catalog keeps "
+                    "the first of each, so fix the partition set so that every galaxy appears once",
+                    run_id, n_duplicate_rows, duplicates[:3])
+    del parts
 
     map_started = event.get("map_started_at") or min((r["started_at"] for r in ranks), default=plan["created_at"])
     map_finished = event.get("map_finished_at") or max((r["finished_at"] for r in ranks), default=map_started)
@@ -172,6 +208,8 @@ def summarize(
         **{key: headline.get(key) for key in METRIC_KEYS},
         "metrics_by_split": by_split,
         "failed_partitions": failed_partitions(plan, predicted, ranks),
+        "n_duplicate_rows": n_duplicate_rows,
+        "duplicate_object_ids": duplicates,
         "peak_rss_mb_max": max((r["peak_rss_mb"] for r in ranks), default=None),
         "lambda_memory_mb": params["lambda_memory_mb"],
         "lambda_cost_usd_estimate": estimate_cost_usd(

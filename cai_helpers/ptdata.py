@@ -35,7 +35,8 @@ def _unpickler_reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     specific = [line for line in lines if line.startswith("Unsupported") or "GLOBAL" in line]
     if specific:
-        return specific[0]
+        # torch's line goes on to suggest allow-listing the global, which is the wrong advice here.
+        return specific[0].split(". Please", 1)[0].split(" was not an allowed global", 1)[0]
     if lines:
         return lines[-1]
     return type(exc).__name__

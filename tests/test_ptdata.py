@@ -93,3 +93,18 @@ def test_pt_wrong_content_rejected(tmp_path):
     torch.save(TensorDataset(torch.zeros(2, 4, 32, 32), torch.zeros(2, 5), torch.zeros(2)), odd)
     with pytest.raises(DataFormatError, match="images have shape"):
         import_pt_dataset(odd, None, "unused")
+
+
+def test_refusal_does_not_advise_allow_listing(tmp_path):
+    """torch's message suggests add_safe_globals; ours must not pass that advice on."""
+    import datetime
+
+    import torch
+
+    # An importable, harmless class outside the allow-list: torch's refusal names it
+    # and suggests allow-listing it.
+    torch.save({"x": datetime.date(2020, 1, 1)}, tmp_path / "odd.pt")
+    with pytest.raises(UnsafePickleError) as info:
+        load_pt_tensors(tmp_path / "odd.pt")
+    assert "add_safe_globals" not in str(info.value)
+    assert "odd.pt" in str(info.value)

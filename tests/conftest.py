@@ -60,3 +60,19 @@ def local_store(tmp_path):
     from cai_helpers.store import LocalStore
 
     return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def fanout_run_setup(tmp_path, monkeypatch, local_store):
+    """A 47-row data set (5 partitions at 0.2 MB) and the tiny ONNX model, cwd at tmp_path.
+
+    Returns (store, source tensors, RunParams keyword arguments) for a small local run.
+    """
+    from fanout_fixtures import write_dataset, write_tiny_onnx
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_onnx(tmp_path / "model")
+    source = write_dataset(local_store, "ds", [20, 27])
+    params = dict(store=local_store.uri, dataset_prefix="ds", partition_mb=0.2, model_dir=str(tmp_path / "model"),
+                  batch_size=8, max_concurrency=2, max_retries=1, rank_timeout_s=60.0)
+    return local_store, source, params

@@ -26,7 +26,6 @@ from cai_helpers.fmi import Communicator
 from cai_helpers.fmi.rendezvous import RendezvousServer
 from cai_helpers.launcher import run
 from cai_helpers.runconfig import RunParams
-from fanout_fixtures import write_dataset, write_tiny_onnx
 from fault_fixtures import (
     free_port,
     hook_env,
@@ -233,14 +232,9 @@ def test_redis_killed_between_collectives_raises():
 
 
 @pytest.fixture
-def run_setup(tmp_path, monkeypatch, local_store):
-    """A 47-row data set (5 partitions at 0.2 MB), the tiny model, cwd at tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    write_tiny_onnx(tmp_path / "model")
-    source = write_dataset(local_store, "ds", [20, 27])
-    params = dict(store=local_store.uri, dataset_prefix="ds", partition_mb=0.2, model_dir=str(tmp_path / "model"),
-                  batch_size=8, max_concurrency=2, max_retries=1, rank_timeout_s=60.0)
-    return local_store, source, params
+def run_setup(fanout_run_setup):
+    """The shared small fan-out set-up of tests/conftest.py: (store, source, params)."""
+    return fanout_run_setup
 
 
 def _assert_complete(store, summary, source_ids) -> None:

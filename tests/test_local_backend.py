@@ -24,14 +24,9 @@ from fanout_fixtures import expected_z, write_dataset, write_tiny_onnx
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch, local_store):
-    """A 47-row data set (5 partitions at 0.2 MB) and the tiny model; cwd is tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    write_tiny_onnx(tmp_path / "model")
-    source = write_dataset(local_store, "ds", [20, 27])
-    params = dict(store=local_store.uri, dataset_prefix="ds", partition_mb=0.2, model_dir=str(tmp_path / "model"),
-                  batch_size=8, max_concurrency=2, max_retries=1, rank_timeout_s=60.0)
-    return local_store, source, params
+def setup(fanout_run_setup):
+    """The shared small fan-out set-up of tests/conftest.py: (store, source, params)."""
+    return fanout_run_setup
 
 
 def _catalog(store, run_id):

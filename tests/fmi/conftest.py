@@ -2,53 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 
 import pytest
 
 from cai_helpers.fmi.rendezvous import RendezvousServer
-
-REDIS_START_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from fault_fixtures import free_port
+from fault_fixtures import redis_server as start_redis_server
 
 
 @pytest.fixture(scope="session")
 def redis_server():
     """(host, port) of a redis-server started for this session on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed; install the Debian package redis-server")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    yield "127.0.0.1", port
-    client.close()
-    process.terminate()
-    process.wait(10)
+    with start_redis_server() as (_process, port):
+        yield "127.0.0.1", port
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,14 @@ import numpy as np
 
 from cai_helpers.bench_setup import synthetic_galaxies
 from cai_helpers.errors import CAIError
+from cai_helpers.inference import BITS_PER_GALAXY
 
 logger = logging.getLogger(__name__)
 
 DATASET_PIXELS = 64
 SYNTHETIC_CHUNK_ROWS = 2_000
 SKY_NOISE_NANOMAGGIES = 0.02
-BITS_PER_IMAGE = 164_160
+BITS_PER_IMAGE = BITS_PER_GALAXY
 
 
 def synthetic_dataset(store, rows: int, seed: int = 0) -> str:

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cai_helpers.inference import peak_rss_mb, proc_status_mb
+from cai_helpers.inference import BITS_PER_GALAXY, peak_rss_mb, proc_status_mb
 
 logger = logging.getLogger(__name__)
 
-BITS_PER_IMAGE = 164_160  # the CAI paper's size of one galaxy: image + magnitudes
+BITS_PER_IMAGE = BITS_PER_GALAXY
 TARGET_BATCH_SIZE = 512
 TARGET_INT8_SPEEDUP = 2.5  # int8 ONNX images/s over torch eager
 TARGET_INT8_P99_DZ = 0.003  # p99 |dz| of int8 against fp32 ONNX

@@ -2,7 +2,7 @@
 
 Every error the package raises on purpose derives from :class:`CAIError`, so a
 notebook or a Lambda handler can catch the package's errors apart from bugs.
-Messages name the offending file, partition, object or peer and say what to do.
+Messages name the offending file, partition, object or peer and state the fix.
 """
 
 
@@ -54,7 +54,7 @@ class FMIError(CAIError):
 
 
 class FMITimeoutError(FMIError, TimeoutError):
-    """A peer did not answer within the operation's timeout."""
+    """A peer did not respond within the operation's timeout."""
 
 
 class FMIPeerLostError(FMITimeoutError):

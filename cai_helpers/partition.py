@@ -9,7 +9,7 @@ A partition is one safetensors object with the data set's tensors minus
     object_id   int64   [N]
     split       uint8   [N]           0 train, 1 validation, 2 test
 
-Sizes follow the CAI paper's byte model, 20,504 B per galaxy (a float32 5x32x32 image,
+Sizes follow the byte model of Staylor et al. 2025 (arXiv:2501.06249), 20,504 B per galaxy (a float32 5x32x32 image,
 5 float32 magnitudes and a float32 redshift) with MB = 2**20 B, less a 4 KiB allowance
 per partition for the file header, so a 25 MB partition holds at most 1,278 galaxies
 and a 100 MB partition 5,113, as in the paper. Without the allowance, 100 MB / 20,504 B
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 MB = 2**20
 BYTES_PER_GALAXY = 20_504  # 5*32*32*4 image + 5*4 magnitudes + 4 redshift
-BITS_PER_GALAXY = 164_160  # the paper's definition: (20,480 image + 40 magnitude bytes) * 8
 PARTITION_HEADER_ALLOWANCE_BYTES = 4_096
 CROP_PIXELS = 32
 MANIFEST_NAME = "manifest.json"
@@ -63,7 +62,7 @@ def galaxies_per_partition(partition_mb: float) -> int:
     if capacity < 1:
         smallest = (BYTES_PER_GALAXY + PARTITION_HEADER_ALLOWANCE_BYTES) / MB
         raise InvalidParameterError(
-            f"partition_mb={partition_mb} MB holds no galaxy: one galaxy takes "
+            f"partition_mb={partition_mb} MB fits no galaxy: one galaxy takes "
             f"{BYTES_PER_GALAXY} B plus a {PARTITION_HEADER_ALLOWANCE_BYTES} B header "
             f"allowance, so use at least {smallest:.4f} MB"
         )
@@ -139,7 +138,7 @@ def decode_partition(
     rows = len(arrays["object_id"])
     if expected_rows is not None and rows != expected_rows:
         raise DataFormatError(
-            f"partition {key}: holds {rows} rows but the manifest lists {expected_rows}; "
+            f"partition {key}: contains {rows} rows but the manifest lists {expected_rows}; "
             "re-run partitioning into a fresh prefix"
         )
     if rows == 0:

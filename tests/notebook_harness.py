@@ -60,7 +60,7 @@ def run_nbval(path: Path) -> None:
            "--rootdir", str(path.parent), str(path)]
     env = dict(os.environ, MPLBACKEND="Agg")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=KERNEL_TIMEOUT_S, cwd=ROOT, env=env)
-    # The first failing cell holds the cause; later cells usually fail with NameErrors.
+    # The first failing cell contains the cause; later cells usually fail with NameErrors.
     first = result.stdout.find("Cell execution caused an exception")
-    shown = result.stdout[max(first - 200, 0):first + 6000] if first >= 0 else result.stdout[-6000:]
-    assert result.returncode == 0, f"nbval failed on {path.name}:\n{shown}\n{result.stderr[-3000:]}"
+    excerpt = result.stdout[max(first - 200, 0):first + 6000] if first >= 0 else result.stdout[-6000:]
+    assert result.returncode == 0, f"nbval failed on {path.name}:\n{excerpt}\n{result.stderr[-3000:]}"

@@ -100,7 +100,7 @@ BAD_PARTITIONS = {
     "nan_pixels": (encode(_nan_pixel()), ROWS, None, "invalid images values, e.g. row 3 (object_id 2003)"),
     "inf_magnitudes": (encode(_inf_magnitude()), ROWS, None, "invalid magnitudes values, e.g. row 2 (object_id 2002)"),
     "missing_tensor": (encode(_without("magnitudes")), ROWS, None, "missing tensor(s) ['magnitudes']"),
-    "rows_differ_from_manifest": (GOOD_BYTES, ROWS - 1, None, "holds 10 rows but the manifest lists 9"),
+    "rows_differ_from_manifest": (GOOD_BYTES, ROWS - 1, None, "contains 10 rows but the manifest lists 9"),
     "empty": (encode(_empty()), 0, None, "has no rows"),
     "duplicate_ids_within": (encode(_duplicate_ids()), ROWS, None, "duplicate object_id"),
     "not_written": (None, ROWS, None, "not found"),
@@ -287,7 +287,7 @@ def test_damaged_dataset_shard_fails_checksum(tmp_path, monkeypatch, local_store
 
 INVALID_PARAMETERS = {
     "batch_size_zero": ({"batch_size": 0}, "batch_size"),
-    "partition_below_one_galaxy": ({"partition_mb": 0.001}, "holds no galaxy"),
+    "partition_below_one_galaxy": ({"partition_mb": 0.001}, "fits no galaxy"),
     "unknown_runtime": ({"runtime": "tensorflow"}, "invalid runtime 'tensorflow'"),
     "unknown_backend": ({"backend": "slurm"}, "invalid backend 'slurm'"),
     "max_concurrency_zero": ({"max_concurrency": 0}, "max_concurrency"),

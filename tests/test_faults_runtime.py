@@ -295,7 +295,8 @@ def test_sigint_resume_skips_done_partitions(setup, tmp_path):
             driver.kill()
             driver.wait()
     assert driver.returncode != 0
-    assert "interrupted" in stderr and f"run_id={run_id!r}" in stderr
+    assert "interrupted" in stderr
+    assert f"run_id={run_id!r}" in stderr
     assert _worker_pids(run_id) == [], "workers outlived the interrupted driver"
 
     written = {}
